@@ -47,10 +47,11 @@ def beam_search(model: IncrementalDecoder, enc: EncoderOutput, prefixes: Sequenc
                 options: BeamOptions, n_frames: Optional[Sequence[int]] = None,
                 bos: Optional[int] = None) -> list[BeamResult]:
     bsz = enc.states.shape[0]
-    beam = options.beam_size
     eos, pad, unk = model.eos, model.pad, getattr(model, "unk", None)
     bos = model.bos if bos is None else bos
     device = enc.states.device
+    vocab_size = int(getattr(model, "vocab_size", 0) or 0)
+    beam = min(options.beam_size, vocab_size - 1) if vocab_size > 1 else options.beam_size
     src_len = max(n_frames) if n_frames else int(enc.lengths.max())
     max_positions = int(getattr(model, "max_decoder_positions", 1024))
     max_len = min(int(options.max_len_a * src_len + options.max_len_b), max_positions - 1)
@@ -86,15 +87,19 @@ def beam_search(model: IncrementalDecoder, enc: EncoderOutput, prefixes: Sequenc
             keep = lprobs[:, eos].clone()
             lprobs[:] = -math.inf
             lprobs[:, eos] = keep
+        # Rows still inside their own prefix are forced; the others obey min_len (per row, so a
+        # batch of mixed prefix lengths decodes exactly like its utterances one by one).
+        forced = torch.zeros(n, dtype=torch.bool, device=device)
         if step < max_prefix and step < max_len:
             prefix_toks = prefix_tokens[:, step].repeat_interleave(beam)
             forced = prefix_toks.ne(pad)
             prefix_lp = lprobs.gather(-1, prefix_toks.unsqueeze(-1)).squeeze(-1)
-            lprobs[forced] = -math.inf
             rows = forced.nonzero().squeeze(-1)
+            lprobs[rows] = -math.inf
             lprobs[rows, prefix_toks[rows]] = prefix_lp[rows]
-        elif step < options.min_len:
-            lprobs[:, eos] = -math.inf
+        if step < options.min_len:
+            free = (~forced) & torch.tensor([step >= p for p in prefix_lens], device=device).repeat_interleave(beam)
+            lprobs[free, eos] = -math.inf
         if options.no_repeat_ngram_size > 0 and step + 2 - options.no_repeat_ngram_size >= 0:
             rows = tokens[:, : step + 1].tolist()
             for r, row in enumerate(rows):
