@@ -218,13 +218,136 @@ def explain_segment(model: SpeechModel, features: torch.Tensor, prefix: list[int
         reliability_encoder=est_h.reliability(rows) if est_h is not None else None)
 
 
-def file_checksum(path: str, limit: int = 1 << 62) -> str:
-    """sha256 of a file (first `limit` bytes) for the reproducibility record."""
+def model_checksum(model: SpeechModel) -> Optional[str]:
+    """sha256 of the model's weights file(s), for the reproducibility record (cached per file)."""
+    paths = getattr(model, "source_files", None) or ([getattr(model, "source_path")] if getattr(model, "source_path", None) else [])
+    if not paths:
+        return None
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
+    for path in paths:
+        if os.path.isdir(path):
+            continue
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
     return h.hexdigest()[:16]
+
+
+_TASK_TOKENS = {"asr": "transcribe", "st": "translate"}
+
+
+class SegmentPipeline:
+    """Per-worker processor: loads each model once, then turns work units into result tables."""
+
+    def __init__(self, spec: Any, device: str = "cpu", threads: Optional[int] = None):
+        self.spec = spec
+        self.device = device
+        if threads:
+            torch.set_num_threads(max(1, int(threads)))
+        self._models: dict[str, tuple[SpeechModel, Optional[str]]] = {}
+        self._model_specs = {m.key: m for m in spec.models}
+        self._params = {m.key: MethodParams.from_spec(spec.method, dtype=m.dtype) for m in spec.models}
+        from jobs.spec import code_version
+        import skimage
+
+        self._record = {"code_version": code_version(), "torch_version": torch.__version__,
+                        "skimage_version": skimage.__version__}
+
+    @classmethod
+    def standalone(cls, models: list[dict], params: MethodParams, device: str = "cpu") -> "SegmentPipeline":
+        """A pipeline without a job file (xs2t explain): model dicts and method parameters given directly."""
+        from types import SimpleNamespace
+
+        self = cls.__new__(cls)
+        self.spec, self.device = None, device
+        self._models = {}
+        self._model_specs = {m["key"]: SimpleNamespace(**{**m, "dict_path": m.get("dict"), "lang": None, "task": None})
+                             for m in models}
+        self._params = {m["key"]: params for m in models}
+        import skimage
+        from jobs.spec import code_version
+
+        self._record = {"code_version": code_version(), "torch_version": torch.__version__,
+                        "skimage_version": skimage.__version__}
+        return self
+
+    def model(self, key: str) -> tuple[SpeechModel, Optional[str]]:
+        if key not in self._models:
+            from models.registry import load_model
+
+            m = self._model_specs[key]
+            kwargs = {k: v for k, v in (("spm", m.spm), ("dict", m.dict_path), ("config_yaml", m.config_yaml)) if v}
+            model = load_model(m.name_or_path, device=self.device, **kwargs)
+            self._models[key] = (model, model_checksum(model))
+        return self._models[key]
+
+    def process(self, unit: Any) -> dict:
+        """All result tables of one unit (raises with a message naming segment, file and reason)."""
+        from jobs import schema
+        from jobs.corpus import load_segment_audio
+        from jobs.explain import prepare_features
+
+        t_start = time.perf_counter()
+        seg = unit.segment
+        mspec = self._model_specs[unit.model_key]
+        params = self._params[unit.model_key]
+        model, checksum = self.model(unit.model_key)
+        wave = load_segment_audio(seg)
+        source = f"segment {seg.segment_id} ({seg.audio_path})"
+        try:
+            features = prepare_features(model, wave, source)
+        except ModelError as exc:
+            raise ModelError(str(exc) if str(exc).startswith(source) else f"{source}: {exc}") from None
+        task = mspec.task or _TASK_TOKENS[unit.task]
+        out_lang = mspec.lang or unit.out_lang
+        prefix = model.forced_prefix(lang=out_lang, task=task, src_lang=seg.src_lang)
+        ex = explain_segment(model, features, prefix, params, segment_key=seg.segment_id,
+                             reference=seg.reference or "")
+        hyp = ex.hypothesis
+        uid = unit.unit_id
+        levels = xai_core.split_masks(params.n_input, len(params.segments_per_second)) if params.n_input else []
+        seg_row = schema.segments_row(
+            unit_id=uid, segment_id=seg.segment_id, model=unit.model_key, task=unit.task, corpus=seg.corpus,
+            split=seg.split, src_lang=seg.src_lang, tgt_lang=seg.tgt_lang, shard=unit.shard,
+            audio_path=seg.audio_path, start_s=seg.start_s, end_s=seg.end_s, duration_s=len(wave) / 16000.0,
+            n_frames=ex.n_frames, n_steps=ex.n_steps, reference=seg.reference, source_text=seg.source_text,
+            hypothesis=hyp.text, hyp_tokens=hyp.tokens, hyp_token_ids=hyp.token_ids,
+            hyp_token_log_probs=hyp.token_log_probs, prefix_len=hyp.prefix_len, attempts=max(1, unit.attempts),
+            worker=worker_name(), t_decode_s=ex.timings.get("decode"), t_input_s=ex.timings.get("input"),
+            t_encoder_s=ex.timings.get("encoder"), t_total_s=time.perf_counter() - t_start,
+            n_masks_input=ex.n_masks_input, n_masks_encoder=ex.n_masks_encoder,
+            reliability_input=ex.reliability_input, reliability_encoder=ex.reliability_encoder,
+            seed=params.seed, p_input=params.p_input, p_encoder=params.p_encoder,
+            level_split=",".join(str(n) for n in levels), occlusion=params.occlusion,
+            pooling=params.pooling[0], dtype=params.dtype, device=str(model.device), model_checksum=checksum,
+            **self._record)
+        ca = ex.cross_attention
+        n_layers, n_heads, n_tokens, n_steps = ca.shape
+        tables = {
+            "segments": schema.table_from_rows("segments", [seg_row]),
+            "cross_attention": schema.table_from_rows("cross_attention", [
+                {"unit_id": uid, "layer": l, "head": h, "n_tokens": n_tokens, "n_steps": n_steps,
+                 "weights": ca[l, h].reshape(-1).tolist()} for l in range(n_layers) for h in range(n_heads)]),
+        }
+        tokens = hyp.tokens
+        if ex.saliency_input is not None:
+            smx = ex.saliency_input.float().cpu().numpy()
+            tables["saliency_input"] = schema.table_from_rows("saliency_input", [
+                {"unit_id": uid, "token_index": i, "token": tokens[i], "n_frames": smx.shape[1],
+                 "n_bins": smx.shape[2], "values": smx[i].reshape(-1)} for i in range(smx.shape[0])])
+        if ex.saliency_encoder is not None:
+            smh = ex.saliency_encoder.float().cpu().numpy()
+            tables["saliency_encoder"] = schema.table_from_rows("saliency_encoder", [
+                {"unit_id": uid, "token_index": i, "token": tokens[i], "n_steps": smh.shape[1],
+                 "values": smh[i]} for i in range(smh.shape[0])])
+        common = {"unit_id": uid, "segment_id": seg.segment_id, "model": unit.model_key, "task": unit.task,
+                  "src_lang": seg.src_lang, "tgt_lang": seg.tgt_lang}
+        tables["correlations"] = schema.table_from_rows("correlations", [{**common, **r} for r in ex.correlations])
+        if ex.deletion:
+            tables["deletion"] = schema.table_from_rows("deletion", [{"unit_id": uid, **r} for r in ex.deletion])
+        if ex.size:
+            tables["size"] = schema.table_from_rows("size", [{"unit_id": uid, **r} for r in ex.size])
+        return tables
 
 
 def worker_name() -> str:
