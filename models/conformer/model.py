@@ -7,7 +7,7 @@ checkpoint loads with `load_state_dict` after dropping buffers we recompute (`pe
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -230,7 +230,7 @@ class ConformerEncoder(nn.Module):
         self._pos_table = t
         return t
 
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor, return_ctc: bool = False) -> dict:
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> dict:
         x, lengths = self.subsample(features, lengths)
         x = self.embed_scale * x
         T = x.shape[1]
@@ -345,6 +345,7 @@ class MultiheadAttention(nn.Module):
         """x [B, Tq, D]; k, v [B, H, Tk, dh]; key_pad [B, Tk] True = ignore. Returns (out, probs)."""
         B, Tq, D = x.shape
         q = self.split(self.q_proj(x))
+        k, v = k.to(q.dtype), v.to(q.dtype)
         mask = None
         if key_pad is not None:
             mask = key_pad[:, None, None, :]
@@ -374,7 +375,7 @@ class DecoderLayer(nn.Module):
         self.fc2 = nn.Linear(ffn, d_model)
         self.final_layer_norm = nn.LayerNorm(d_model)
 
-    def forward(self, x, cross_k, cross_v, enc_pad, self_cache: Optional[dict] = None, need_probs: bool = False):
+    def self_block(self, x, self_cache: Optional[dict] = None):
         h = self.self_attn_layer_norm(x)
         k, v = self.self_attn.project_kv(h)
         if self_cache is not None:      # incremental: x holds only the newest position(s)
@@ -382,11 +383,16 @@ class DecoderLayer(nn.Module):
                 k = torch.cat([self_cache["k"], k], dim=2)
                 v = torch.cat([self_cache["v"], v], dim=2)
             self_cache["k"], self_cache["v"] = k, v
-        x = x + self.self_attn.attend(h, k, v, causal=True)[0]
+        return x + self.self_attn.attend(h, k, v, causal=True)[0]
+
+    def cross_block(self, x, cross_k, cross_v, enc_pad, need_probs: bool = False):
         h, probs = self.encoder_attn.attend(self.encoder_attn_layer_norm(x), cross_k, cross_v, enc_pad, need_probs=need_probs)
         x = x + h
         x = x + self.fc2(F.relu(self.fc1(self.final_layer_norm(x))))
         return x, probs
+
+    def forward(self, x, cross_k, cross_v, enc_pad, self_cache: Optional[dict] = None, need_probs: bool = False):
+        return self.cross_block(self.self_block(x, self_cache), cross_k, cross_v, enc_pad, need_probs)
 
 
 class TransformerDecoder(nn.Module):
@@ -407,14 +413,24 @@ class TransformerDecoder(nn.Module):
         """Encoder keys/values of every layer, [B, H, T', dh] each."""
         return [layer.encoder_attn.project_kv(enc_states) for layer in self.layers]
 
-    def forward(self, tokens: torch.Tensor, cross: list, enc_pad: Optional[torch.Tensor], need_probs: bool = False,
-                caches: Optional[list] = None, start: int = 0) -> tuple[torch.Tensor, list]:
-        """tokens [B, t] decoder inputs from position `start` on; returns logits [B, t, V], per-layer probs."""
+    def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Scaled token embeddings + sinusoidal positions (first input at position padding_idx + 1)."""
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device) + self.padding_idx + 1
-        x = self.embed_scale * self.embed_tokens(tokens) + decoder_positions(positions, self.cfg.d_model, self.padding_idx).to(self.embed_tokens.weight.dtype)
+        pos = decoder_positions(positions, self.cfg.d_model, self.padding_idx).to(self.embed_tokens.weight.dtype)
+        return self.embed_scale * self.embed_tokens(tokens) + pos
+
+    def forward(self, tokens: torch.Tensor, cross: list, enc_pad: Optional[torch.Tensor], need_probs: bool = False,
+                caches: Optional[list] = None, start: int = 0, first_self: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list]:
+        """tokens [B, t] decoder inputs from position `start` on; returns logits [B, t, V], per-layer
+        cross-attention probs ([B, H, t, T'] each, or None). `first_self`: a precomputed output of
+        layer 0's self-attention block (it does not depend on the encoder), broadcast over B."""
+        x = self.embed(tokens, start) if first_self is None else first_self
         all_probs = []
         for i, layer in enumerate(self.layers):
-            x, probs = layer(x, cross[i][0], cross[i][1], enc_pad, None if caches is None else caches[i], need_probs)
+            if i == 0 and first_self is not None:
+                x, probs = layer.cross_block(x, cross[0][0], cross[0][1], enc_pad, need_probs)
+            else:
+                x, probs = layer(x, cross[i][0], cross[i][1], enc_pad, None if caches is None else caches[i], need_probs)
             all_probs.append(probs)
         return self.output_projection(self.layer_norm(x)), all_probs
 
