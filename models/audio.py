@@ -70,6 +70,8 @@ def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int = SAMP
 
 def write_m4a(path: str | os.PathLike, wave: np.ndarray, sample_rate: int = SAMPLE_RATE, bitrate: int = 64000) -> None:
     """Encode mono float32 audio as AAC in an MP4 container (EuroParl-ST ships m4a)."""
+    import fractions
+
     import av
 
     with av.open(os.fspath(path), "w", format="mp4") as out:
@@ -77,6 +79,10 @@ def write_m4a(path: str | os.PathLike, wave: np.ndarray, sample_rate: int = SAMP
         stream.bit_rate = bitrate
         frame = av.AudioFrame.from_ndarray(np.asarray(wave, np.float32)[None, :], format="fltp", layout="mono")
         frame.sample_rate = sample_rate
+        # Timestamps let the muxer write the encoder's priming delay as an edit list, so decoders
+        # return the audio on time (without them every sample comes 1024 samples late).
+        frame.pts = 0
+        frame.time_base = fractions.Fraction(1, sample_rate)
         for packet in stream.encode(frame):
             out.mux(packet)
         for packet in stream.encode(None):
