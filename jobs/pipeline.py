@@ -165,7 +165,8 @@ def explain_segment(model: SpeechModel, features: torch.Tensor, prefix: list[int
             model.input_scorer(hyp, n_frames, dtype), features, ref_log_probs, n_masks=params.n_input,
             p=params.p_input, segments_per_second=params.segments_per_second, threshold_frames=params.threshold_frames,
             compactness=params.compactness, sigma=params.sigma, occlusion=params.occlusion, seed=params.seed,
-            segment_key=segment_key, target_reliability=params.target_reliability)
+            segment_key=segment_key, target_reliability=params.target_reliability,
+            reliability_rows=rows, reliability_subsampling=model.subsampling)
         smx = est_x.saliency()
         timings["input"] = time.perf_counter() - t0
         for pooling in params.pooling:
@@ -180,7 +181,7 @@ def explain_segment(model: SpeechModel, features: torch.Tensor, prefix: list[int
             est = xai_core.encoder_saliency(
                 model.encoder_scorer(states, hyp, dtype), states, ref_log_probs, n_masks=params.n_encoder, p=p,
                 seed=params.seed, segment_key=segment_key, valid_length=n_steps,
-                target_reliability=params.target_reliability)
+                target_reliability=params.target_reliability, reliability_rows=rows)
             encoder_estimates[p] = est
             sm = est.saliency()[:, :n_steps]
             correlations += _correlation_rows(ca, sm, rows, "encoder", None, p)
@@ -214,7 +215,7 @@ def explain_segment(model: SpeechModel, features: torch.Tensor, prefix: list[int
         saliency_encoder=smh, correlations=correlations, deletion=deletion, size=size, timings=timings,
         n_masks_input=est_x.n_masks_used if est_x is not None else 0,
         n_masks_encoder=est_h.n_masks_used if est_h is not None else 0,
-        reliability_input=est_x.reliability(rows) if est_x is not None else None,
+        reliability_input=est_x.reliability(rows, subsampling=model.subsampling) if est_x is not None else None,
         reliability_encoder=est_h.reliability(rows) if est_h is not None else None)
 
 

@@ -41,6 +41,7 @@ def aggregate_attention(ca: torch.Tensor, layers: Optional[Sequence[int]] = None
 
 # ---- SM^X -> I x T' ------------------------------------------------------------------------------
 
+@torch.inference_mode()
 def pool_input_saliency(smx: torch.Tensor, subsampling: int, method: str = "2d_max",
                         n_steps: Optional[int] = None) -> torch.Tensor:
     """Pool SM^X [I, T, F] to the encoder grid [I, T']: step t covers frames [t*s, (t+1)*s) of the
@@ -144,6 +145,7 @@ def pearson(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float
     return max(-1.0, min(1.0, r))
 
 
+@torch.inference_mode()
 def correlate(ca: torch.Tensor, sm: torch.Tensor, rows: slice = slice(None)) -> dict:
     """Pearson r between normalised CA and normalised saliency for one utterance.
     `ca` [L, H, I, T'], `sm` [I, T'] (SM^H, or SM^X pooled); `rows` selects the content rows
@@ -217,3 +219,14 @@ def context_mixing_gap(results_h: Sequence[Mapping], results_x: Sequence[Mapping
     """r(CA, SM^H) - r(CA, SM^X), per layer and for the global average (means over utterances)."""
     h, x = table_layers(results_h), table_layers(results_x)
     return {"layers": [a - b for a, b in zip(h["layers"], x["layers"])], "layer_avg": h["layer_avg"] - x["layer_avg"]}
+
+
+def paper_tables(results_x: Sequence[Mapping], results_h: Optional[Sequence[Mapping]] = None) -> dict:
+    """All correlation tables of one model x task x language pair from per-utterance `correlate`
+    results: Table 1 grid and Table 2 row for SM^X; with SM^H results also the Table 1 grid, the
+    Table 3 row and the context-mixing gap."""
+    out = {"x": {"grid": table_grid(results_x), "layers": table_layers(results_x)}}
+    if results_h is not None:
+        out["h"] = {"grid": table_grid(results_h), "layers": table_layers(results_h)}
+        out["gap"] = context_mixing_gap(results_h, results_x)
+    return out

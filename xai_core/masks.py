@@ -84,7 +84,7 @@ def segment_counts(n_frames: int, segments_per_second: Sequence[int] = (400, 500
     t_eff = min(int(n_frames), int(threshold_frames)) if threshold_frames else int(n_frames)
     counts = []
     for per_second in segments_per_second:
-        base = 5 * int(per_second)  # segments per 500 frames (5 s)
+        base = 5 * per_second  # segments per 500 frames (5 s)
         counts.append(max(1, round(base * t_eff / reference_frames)))
     return counts
 

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from xai_core.compare import pool_input_saliency
 from xai_core.masks import level_ranges, mask_key, occlusion_masks, segment_counts, superpixels
 
 SCORE_SCALE = 2.0 ** 32      # fixed-point resolution of accumulated scores (nats)
@@ -105,6 +106,19 @@ class SaliencyEstimate:
                                 [m.to(device) for m in self.label_maps], self.n_masks, list(self.mask_intervals),
                                 dict(self.meta))
 
+    def to_state(self) -> dict:
+        """Plain dict (CPU tensors, lists, meta) for the caller to store; `from_state` inverts it."""
+        return {"numerators": [n.cpu() for n in self.numerators], "counts": [c.cpu() for c in self.counts],
+                "label_maps": [m.cpu() for m in self.label_maps], "n_masks": self.n_masks,
+                "mask_intervals": [list(iv) for iv in self.mask_intervals], "meta": dict(self.meta)}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device | str = "cpu") -> "SaliencyEstimate":
+        return cls([torch.as_tensor(n, dtype=torch.int64) for n in state["numerators"]],
+                   [torch.as_tensor(c, dtype=torch.int64) for c in state["counts"]],
+                   [torch.as_tensor(m, dtype=torch.int64) for m in state["label_maps"]], int(state["n_masks"]),
+                   [(int(a), int(b)) for a, b in state["mask_intervals"]], dict(state["meta"])).to(device)
+
     def saliency(self, half: Optional[int] = None) -> torch.Tensor:
         """The map [I, *map_shape] float32 (SM^X [I, T, F] or SM^H [I, T']); `half` 0/1 gives the
         estimate from even/odd mask indices only. Cells never occluded are 0."""
@@ -118,13 +132,22 @@ class SaliencyEstimate:
         value = torch.where(count_cells > 0, value, torch.zeros_like(value))
         return value.float().reshape(self.n_tokens, *self.map_shape)
 
-    def reliability(self, rows: Optional[slice] = None) -> float:
-        """Split-half reliability: Pearson r between the even- and odd-mask maps (each token row
-        z-scored first, as maps are compared), Spearman-Brown corrected: 2r / (1 + r)."""
+    def reliability(self, rows: Optional[slice] = None, normalise: bool = True,
+                    subsampling: Optional[int] = None) -> float:
+        """Split-half reliability: Pearson r between the even- and odd-mask maps, Spearman-Brown
+        corrected (2r / (1 + r)); it predicts the correlation of this estimate with an independent
+        one of the same size. `normalise` z-scores each token row first (as maps are compared; the raw
+        maps correlate highly through the per-token KL baselines alone). `subsampling` first pools an
+        [I, T, F] map to the encoder grid (2D max), i.e. the resolution compared with CA."""
         rows = rows if rows is not None else slice(None)
-        a = _zscore_rows(self.saliency(0)[rows].double().flatten(1)).flatten()
-        b = _zscore_rows(self.saliency(1)[rows].double().flatten(1)).flatten()
-        r = _pearson64(a, b)
+        halves = []
+        for h in (0, 1):
+            m = self.saliency(h)[rows].double()
+            if subsampling is not None and m.dim() == 3:
+                m = pool_input_saliency(m, subsampling).double()
+            m = m.flatten(1)
+            halves.append((_zscore_rows(m) if normalise else m).flatten())
+        r = _pearson64(*halves)
         return 2 * r / (1 + r) if r > -1 else -1.0
 
 
@@ -202,7 +225,7 @@ def _check_inputs(name: str, segment_key: str, ref_log_probs: torch.Tensor, n_ma
 
 def _run(est: SaliencyEstimate, level_spans: list[tuple[int, int]], batch_size: int,
          run_batch: Callable[[int, int, int], None], target_reliability: Optional[float],
-         check_every: int, min_masks: int) -> list[tuple[int, int]]:
+         check_every: int, min_masks: int, reliability_kw: Optional[dict] = None) -> list[tuple[int, int]]:
     """Drive the batches. Fixed mode: each level's span in order. Adaptive mode: rounds that advance
     every level by its share of `check_every` masks, then a reliability check (one host sync)."""
     def process(level: int, a: int, b: int) -> None:
@@ -227,7 +250,7 @@ def _run(est: SaliencyEstimate, level_spans: list[tuple[int, int]], batch_size: 
             return done
         if used >= min_masks:
             est.mask_intervals = _merge_intervals(done)
-            if est.reliability() >= target_reliability:
+            if est.reliability(**(reliability_kw or {})) >= target_reliability:
                 return done
 
 
@@ -240,13 +263,17 @@ def input_saliency(scorer: Callable[[torch.Tensor], torch.Tensor], features: tor
                    occlusion: str = "bin_mean", seed: int = 0, batch_size: Optional[int] = None,
                    mask_range: Optional[tuple[int, int]] = None, segment_key: str = "",
                    memory_budget_bytes: Optional[int] = None, target_reliability: Optional[float] = None,
-                   check_every: int = 1000, min_masks: int = 2000,
+                   check_every: int = 1000, min_masks: int = 2000, reliability_rows: Optional[slice] = None,
+                   reliability_subsampling: Optional[int] = None,
                    label_maps: Optional[list[torch.Tensor]] = None) -> SaliencyEstimate:
     """SM^X (SPES) of one utterance. `scorer(features_batch [B, T, F]) -> log_probs [B, I, V]`;
     `features` [T, F] (real frames); `ref_log_probs` [I, V] the unperturbed log-probs.
     Mask k uses level l (contiguous blocks of the even split of n_masks), occludes each superpixel
     of that level with probability p, and replaces its cells with the occlusion value.
-    `label_maps` may pass precomputed superpixels (from `xai_core.superpixels`) to skip SLIC."""
+    `label_maps` may pass precomputed superpixels (from `xai_core.superpixels`) to skip SLIC.
+    Adaptive mode (`target_reliability`): after each round of `check_every` masks (all levels
+    advance together) and at least `min_masks`, stop once `est.reliability(rows=reliability_rows,
+    subsampling=reliability_subsampling)` reaches the target."""
     if features.dim() != 2:
         raise ValueError(f"segment {segment_key!r}: features must be [T, F], got {tuple(features.shape)}")
     if occlusion not in ("bin_mean", "zero"):
@@ -289,7 +316,8 @@ def input_saliency(scorer: Callable[[torch.Tensor], torch.Tensor], features: tor
         _accumulate(est, level, indices, occluded, _kl(p_ref, log_p_ref, log_probs))
 
     spans = [(max(a, start), max(max(a, start), min(b, stop))) for a, b in level_ranges(n_masks, len(label_maps))]
-    done = _run(est, spans, batch_size, run_batch, target_reliability, check_every, min_masks)
+    done = _run(est, spans, batch_size, run_batch, target_reliability, check_every, min_masks,
+                dict(rows=reliability_rows, subsampling=reliability_subsampling))
     return _finish(est, done)
 
 
@@ -301,7 +329,8 @@ def encoder_saliency(scorer_h: Callable[[torch.Tensor], torch.Tensor], encoder_s
                      batch_size: Optional[int] = None, mask_range: Optional[tuple[int, int]] = None,
                      segment_key: str = "", valid_length: Optional[int] = None,
                      memory_budget_bytes: Optional[int] = None, target_reliability: Optional[float] = None,
-                     check_every: int = 1000, min_masks: int = 2000) -> SaliencyEstimate:
+                     check_every: int = 1000, min_masks: int = 2000,
+                     reliability_rows: Optional[slice] = None) -> SaliencyEstimate:
     """SM^H of one utterance. `scorer_h(keep_mask [B, T'] bool) -> log_probs [B, I, V]`, where
     False means the state is zeroed; `encoder_states` [T', D] (only its length and device are used).
     Each valid state is occluded independently with probability p; positions >= valid_length
@@ -337,5 +366,6 @@ def encoder_saliency(scorer_h: Callable[[torch.Tensor], torch.Tensor], encoder_s
                              f"expected {(b - a, n_tokens, vocab)}")
         _accumulate(est, 0, indices, occluded, _kl(p_ref, log_p_ref, log_probs))
 
-    done = _run(est, [(start, stop)], batch_size, run_batch, target_reliability, check_every, min_masks)
+    done = _run(est, [(start, stop)], batch_size, run_batch, target_reliability, check_every, min_masks,
+                dict(rows=reliability_rows))
     return _finish(est, done)
