@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from jobs.commands import data_cmds, model_cmds, run_cmds, view_cmds, bench_cmds
+from jobs.commands import bench_cmds, data_cmds, demo_cmds, model_cmds, run_cmds, view_cmds
 from jobs.errors import USER_ERRORS
 
 app = typer.Typer(
@@ -35,7 +35,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
         os.environ["XS2T_DEBUG"] = "1"
 
 
-for _module in (model_cmds, data_cmds, run_cmds, view_cmds, bench_cmds):
+for _module in (model_cmds, data_cmds, run_cmds, view_cmds, bench_cmds, demo_cmds):
     _module.register(app)
 
 

@@ -383,7 +383,10 @@ def print_reports(reports: list[Report], console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
+            console = Console(width=200)
     for r in reports:
         if not r.rows:
             continue
