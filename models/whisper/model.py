@@ -47,6 +47,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, need_weight
     n_q, n_k = q.shape[-2], k.shape[-2]
     mask = None
     if causal and n_q > 1:
+        if not need_weights and n_q == n_k:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True), None
         mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(diagonal=n_k - n_q)
     if not need_weights:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
@@ -55,6 +57,39 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, need_weight
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(dim=-1)
     return (probs.to(v.dtype) @ v), probs
+
+
+@dataclass
+class MaskedMemory:
+    """Cross-attention memory of ONE utterance shared by a batch of occlusion masks.
+
+    An occluded (zeroed) encoder state projects to the projection biases, so every occluded step
+    has the same key `k_bias` and value `v_bias`. Attention over T steps of which m_b are occluded
+    therefore equals attention over the kept steps plus one extra "bias" step whose score is raised
+    by log(m_b). `k`, `v` [1, H, T+1, dh] hold the projected steps and the bias step last; `mask`
+    [B, T+1] is the additive mask (0 kept, -inf occluded, log m_b on the bias step). No per-sample
+    keys or values are ever built and the fused kernel does the rest."""
+
+    k: Tensor
+    v: Tensor
+    mask: Tensor
+
+    @classmethod
+    def build(cls, k: Tensor, v: Tensor, k_bias: Tensor, v_bias: Tensor, keep: Tensor) -> "MaskedMemory":
+        """k, v [1,H,T,dh]; k_bias, v_bias [1,H,1,dh]; keep [B,T] bool."""
+        n_masked = (~keep).sum(dim=1, keepdim=True).to(k.dtype)
+        mask = torch.zeros(keep.shape, dtype=k.dtype, device=k.device).masked_fill(~keep, float("-inf"))
+        mask = torch.cat([mask, n_masked.log()], dim=1)    # log 0 = -inf: no bias step when nothing is occluded
+        return cls(torch.cat([k, k_bias], dim=2), torch.cat([v, v_bias], dim=2), mask)
+
+    def attend(self, q: Tensor) -> Tensor:
+        """q [B,H,t,dh] -> [B,H,t,dh]: rows folded into the query axis of a single key set."""
+        b, h, t, dh = q.shape
+        q = q.to(self.k.dtype).transpose(0, 1).reshape(1, h, b * t, dh)
+        mask = self.mask[:, None, :].expand(b, t, -1).reshape(1, 1, b * t, -1)
+        with torch.autocast(q.device.type, enabled=False):  # log m_b needs float32, and this is cheap
+            out = F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask)
+        return out.view(h, b, t, dh).transpose(0, 1)
 
 
 class MultiHeadAttention(nn.Module):
@@ -80,6 +115,9 @@ class MultiHeadAttention(nn.Module):
         the given keys/values. `kv` may hold fewer rows than `x` when consecutive rows share a
         source (beam search): row groups of size B_x / B_kv are then folded into the query axis."""
         q = self.split_heads(self.query(x))
+        if isinstance(kv, MaskedMemory):
+            out = kv.attend(q)
+            return self.out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)), kv, None
         if kv is None:
             k, v = self.project_kv(x)
             if past is not None:

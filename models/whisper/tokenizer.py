@@ -47,7 +47,11 @@ class WhisperTokenizer:
                 piece = self.tok.id_to_token(i)
                 if piece and piece.startswith("<|") and piece.endswith("|>"):
                     self.lang_to_id[piece[2:-2]] = i
-        self.multilingual = bool(self.lang_to_id)
+        # English-only checkpoints share the vocabulary layout minus one token and never use the
+        # language/task tokens (openai-whisper tells them apart by vocabulary size the same way).
+        self.multilingual = bool(self.lang_to_id) and n_vocab >= 51865
+        if not self.multilingual:
+            self.lang_to_id = {}
         self.special_ids = {i for i in (self.eot, self.sot, self.transcribe, self.translate, self.sot_lm, self.sot_prev,
                                         self.no_speech, self.no_timestamps) if i is not None} | set(self.lang_to_id.values())
 
