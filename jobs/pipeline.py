@@ -75,6 +75,15 @@ class SegmentExplanation:
     reliability_encoder: Optional[float] = None
 
 
+def _reference(scorer, unperturbed: torch.Tensor, fp32_log_probs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """P of the KL score. In float32 it is the teacher-forced pass; in reduced precision the
+    scorer's own unperturbed output, so rounding alone adds no KL to every mask."""
+    if dtype == torch.float32:
+        return fp32_log_probs
+    with torch.inference_mode():
+        return scorer(unperturbed)[0].float()
+
+
 def _correlation_rows(ca: torch.Tensor, sm: torch.Tensor, rows: slice, target: str, pooling: Optional[str],
                       p: float) -> list[dict]:
     r = xai_core.correlate(ca, sm, rows)
@@ -117,9 +126,10 @@ def deletion_rows(model: SpeechModel, features: torch.Tensor, enc: EncoderOutput
             order = xai_core.frame_order(m, n_frames, model.subsampling)
         inputs = xai_core.deletion_inputs(features, order, occlusion=params.occlusion)
         texts = []
-        for chunk in inputs.split(8):
-            lengths = torch.full((chunk.shape[0],), n_frames, dtype=torch.long, device=chunk.device)
-            texts += _decode_texts(model, model.encode(chunk, lengths), prefix, params.beam, n_frames)
+        with model.perturbation_context(features):
+            for chunk in inputs.split(8):
+                lengths = torch.full((chunk.shape[0],), n_frames, dtype=torch.long, device=chunk.device)
+                texts += _decode_texts(model, model.encode(chunk, lengths), prefix, params.beam, n_frames)
         rows += [{"explanation": name, "side": "input", "percent": int(pct), "hypothesis": t, "reference": reference}
                  for pct, t in zip(xai_core.PERCENTAGES, texts)]
     valid = int(enc.lengths[0])
@@ -161,8 +171,9 @@ def explain_segment(model: SpeechModel, features: torch.Tensor, prefix: list[int
 
     if "input" not in params.skip:
         t0 = time.perf_counter()
+        scorer = model.input_scorer(hyp, n_frames, dtype)
         est_x = xai_core.input_saliency(
-            model.input_scorer(hyp, n_frames, dtype), features, ref_log_probs, n_masks=params.n_input,
+            scorer, features, _reference(scorer, features[None], ref_log_probs, dtype), n_masks=params.n_input,
             p=params.p_input, segments_per_second=params.segments_per_second, threshold_frames=params.threshold_frames,
             compactness=params.compactness, sigma=params.sigma, occlusion=params.occlusion, seed=params.seed,
             segment_key=segment_key, target_reliability=params.target_reliability,
@@ -178,8 +189,10 @@ def explain_segment(model: SpeechModel, features: torch.Tensor, prefix: list[int
         t0 = time.perf_counter()
         states = enc.states[0]
         for p in [params.p_encoder, *[q for q in params.p_encoder_sweep if q != params.p_encoder]]:
+            scorer_h = model.encoder_scorer(states, hyp, dtype)
+            keep_all = torch.ones(1, states.shape[0], dtype=torch.bool, device=states.device)
             est = xai_core.encoder_saliency(
-                model.encoder_scorer(states, hyp, dtype), states, ref_log_probs, n_masks=params.n_encoder, p=p,
+                scorer_h, states, _reference(scorer_h, keep_all, ref_log_probs, dtype), n_masks=params.n_encoder, p=p,
                 seed=params.seed, segment_key=segment_key, valid_length=n_steps,
                 target_reliability=params.target_reliability, reliability_rows=rows)
             encoder_estimates[p] = est

@@ -17,6 +17,7 @@ Conventions
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -203,6 +204,11 @@ class SpeechModel(IncrementalDecoder):
     def encoder_scorer(self, states: torch.Tensor, hyp: Hypothesis, dtype: torch.dtype = torch.float32) -> EncoderScorer:
         """`states` [T', D] (one utterance). callable(keep_mask [B, T'] bool) -> log_probs [B, I, V]
         where masked states are zeroed (the decoder still attends to them)."""
+
+    def perturbation_context(self, features: torch.Tensor):
+        """Context in which perturbed copies of `features` (same length) are encoded as versions of
+        that utterance (Whisper keeps the unperturbed utterance's 30 s padding). Default: nothing."""
+        return contextlib.nullcontext()
 
     # ---- decoding -----------------------------------------------------------------------------
     def generate(self, features: Sequence[torch.Tensor], prefixes: Sequence[Sequence[int]],

@@ -200,6 +200,9 @@ class WhisperModel(SpeechModel):
             block = torch.full((wf.N_FRAMES - real.shape[0], real.shape[1]), wf.padding_fill(real), device=self.device)
         return block
 
+    def perturbation_context(self, features: Tensor):
+        return self.padding_from(features)
+
     @contextlib.contextmanager
     def padding_from(self, features: Tensor):
         """Within this block, perturbed copies of `features` (same length; e.g. frames deleted for
