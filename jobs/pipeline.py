@@ -11,6 +11,7 @@ import hashlib
 import os
 import socket
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -233,15 +234,17 @@ def explain_segment(model: SpeechModel, features: torch.Tensor, prefix: list[int
 
 
 def model_checksum(model: SpeechModel) -> Optional[str]:
-    """sha256 of the model's weights file(s), for the reproducibility record (cached per file)."""
-    paths = getattr(model, "source_files", None) or ([getattr(model, "source_path")] if getattr(model, "source_path", None) else [])
-    if not paths:
+    """sha256 of the model's weights, for the reproducibility record (first 16 hex digits)."""
+    if hasattr(model, "checksum"):
+        return model.checksum()[:16]
+    path = getattr(model, "checkpoint_path", None)
+    if not path:
         return None
+    files = sorted(str(p) for p in Path(path).glob("*") if p.suffix in (".safetensors", ".bin", ".pt")) \
+        if os.path.isdir(path) else [path]
     h = hashlib.sha256()
-    for path in paths:
-        if os.path.isdir(path):
-            continue
-        with open(path, "rb") as f:
+    for name in files:
+        with open(name, "rb") as f:
             while chunk := f.read(1 << 22):
                 h.update(chunk)
     return h.hexdigest()[:16]

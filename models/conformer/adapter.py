@@ -233,4 +233,6 @@ def load_fbk_model(path: str | Path, spm: str | Path | None = None, dict: str | 
         raise ModelError(f"{dict_path}: dictionary has {len(dictionary)} entries but {path} has an output "
                          f"vocabulary of {model.cfg.vocab_size}")
     sp = SentencePiece(spm_path) if spm_path else None
-    return FBKConformerModel(model, dictionary, sp, data_cfg, name=path.stem, device=device)
+    wrapped = FBKConformerModel(model, dictionary, sp, data_cfg, name=path.stem, device=device)
+    wrapped.checkpoint_path = str(path)
+    return wrapped
