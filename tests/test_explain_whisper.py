@@ -17,6 +17,8 @@ from jobs.cli import app
 from jobs.make_corpus import Espeak, speak_words
 from models.audio import write_wav
 
+pytestmark = pytest.mark.timeout(2700)  # one whisper-base SM^X run of 1,500 masks (~11 min on two idle cores)
+
 SENTENCE = "Parliament approved the fisheries budget yesterday"
 LEAD_S = 0.4        # silence before the first word
 TOLERANCE_S = 0.08  # a peak may sit this far outside the word (window edges, coarticulation)
