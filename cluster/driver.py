@@ -123,6 +123,7 @@ def _start_ray(address: Optional[str], cfg: ExecConfig, workers: Optional[int]):
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or None, log_to_driver=False)
         return ray.shutdown
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private single-machine cluster in its own temp dir
     temp = tempfile.mkdtemp(prefix="xs2t-ray-")  # short path: Ray's socket names must fit 107 bytes
     n_cpus = os.cpu_count() or 1
     if workers:

@@ -15,7 +15,7 @@ def demo(
     model: str = typer.Option("whisper-base", "--model", help="Model name or checkpoint path."),
     pairs: str = typer.Option("en-en,it-en", "--pairs", help="Language pairs to run (src == tgt: ASR, else ST)."),
     n_input: int = typer.Option(128, "--n-input", help="N_X masks per segment (the paper uses 20,000)."),
-    n_encoder: int = typer.Option(512, "--n-encoder", help="N_H masks per segment (the paper uses 20,000)."),
+    n_encoder: int = typer.Option(1024, "--n-encoder", help="N_H masks per segment (the paper uses 20,000)."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Precision of the perturbed passes (float32 | bfloat16)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Model actors (default: one per CPU core)."),
     synthesize: bool = typer.Option(False, "--synthesize", help="Synthesize a fresh corpus with espeak-ng "
