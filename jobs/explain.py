@@ -97,4 +97,7 @@ def _print_summary(tables: dict) -> None:
         t.add_row(s["segment_id"], (s["hypothesis"] or s.get("error") or "")[:60], glob("input"), glob("encoder"),
                   f"{s['n_masks_input']}/{s['n_masks_encoder']}",
                   f"{rel(s['reliability_input'])}/{rel(s['reliability_encoder'])}")
-    Console().print(t)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: keep one line per file
+        console = Console(width=200)
+    console.print(t)
