@@ -77,8 +77,13 @@ def test_slurm_array_preemption_requeues(slurm, tmp_path, monkeypatch):
         assert time.time() < deadline, (slurm.queue(job), _logs(run))
         time.sleep(0.2)
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip Slurm's requeue hold-off
-    slurm.wait_gone(job, timeout=240)
-    assert len(store.committed()) == 14, _logs(run) + slurm.run("scontrol", "show", "job", job, check=False)
+    # squeue may briefly lose a requeued array task while it is restarted, so wait for the commits
+    # themselves, then for the job to leave the queue.
+    deadline = time.time() + 240
+    while len(store.committed()) < 14:
+        assert time.time() < deadline, _logs(run) + slurm.run("scontrol", "show", "job", job, check=False)
+        time.sleep(0.5)
+    slurm.wait_gone(job, timeout=120)
     check_results(store, units)
     workers = {r["worker"] for f in store.list_files("results/segments") for r in store.read_table(f, ["worker"]).to_pylist()}
     assert len(workers) == 2  # the task ran twice: before and after the requeue
