@@ -76,7 +76,8 @@ def test_slurm_array_preemption_requeues(slurm, tmp_path, monkeypatch):
     while "PENDING" not in slurm.queue(job):  # requeued
         assert time.time() < deadline, (slurm.queue(job), _logs(run))
         time.sleep(0.2)
-    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip Slurm's requeue hold-off
+    time.sleep(5)  # let slurmd finish tearing down the cancelled run (what the hold-off is for)
+    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip the rest of Slurm's requeue hold-off
     # squeue may briefly lose a requeued array task while it is restarted, so wait for the commits
     # themselves, then for the job to leave the queue.
     deadline = time.time() + 240
