@@ -191,6 +191,16 @@ def grid_figure(summary: Summary, g: GroupKey):
     return fig
 
 
+def _panels(n: int):
+    """A figure with n small panels, three per row (unused cells hidden)."""
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
 def layer_curves_figure(summary: Summary, groups: Optional[Sequence[GroupKey]] = None):
     """Tables 2-3 as curves: r(CA layer average, SM^X) and r(CA layer average, SM^H) per decoder
     layer, one panel per model x task x pair; the context-mixing gap between them is shaded and
@@ -198,12 +208,8 @@ def layer_curves_figure(summary: Summary, groups: Optional[Sequence[GroupKey]] =
     groups = [g for g in (groups or summary.groups) if summary.grid(g, "input") or summary.grid(g, "encoder")]
     if not groups:
         raise ValueError("no correlation rows to plot")
-    cols = min(3, len(groups))
-    rows = -(-len(groups) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat[len(groups):]:
-        ax.set_visible(False)
-    for ax, g in zip(axes.flat, groups):
+    fig, axes = _panels(len(groups))
+    for ax, g in zip(axes, groups):
         gx, gh = summary.grid(g, "input"), summary.grid(g, "encoder")
         for gr, name, colour in ((gx, "SM^X", "tab:orange"), (gh, "SM^H", "tab:green")):
             if gr is None:
@@ -232,12 +238,8 @@ def deletion_figure(summary: Summary, groups: Optional[Sequence[GroupKey]] = Non
     groups = [g for g in (groups or sorted({k[0] for k in deletion})) if any(k[0] == g for k in deletion)]
     if not groups:
         raise ValueError("no deletion rows to plot")
-    cols = min(3, len(groups))
-    rows = -(-len(groups) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat[len(groups):]:
-        ax.set_visible(False)
-    for ax, g in zip(axes.flat, groups):
+    fig, axes = _panels(len(groups))
+    for ax, g in zip(axes, groups):
         for key in sorted((k for k in deletion if k[0] == g), key=lambda k: list(EXPLANATION_NAMES).index(k[1])
                           if k[1] in EXPLANATION_NAMES else 99):
             _, explanation, side, pooling, p = key
