@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import socket
 import time
 import traceback
 from typing import Any
@@ -20,6 +19,7 @@ from cluster.runspec import ExecConfig, load_run_spec
 from cluster.store import SEGMENTS, RunStore
 from jobs import schema
 from jobs.errors import RunError
+from jobs.units import worker_name
 
 
 def import_processor(dotted: str):
@@ -58,10 +58,6 @@ def failure_table(row: dict, error: str, attempts: int, worker: str) -> pa.Table
         shard=row["shard"], audio_path=row["audio_path"], start_s=row["start_s"], end_s=row["end_s"],
         duration_s=row["duration_s"], reference=row["reference"], source_text=row["source_text"], worker=worker)
     return schema.table_from_rows(SEGMENTS, [rec])
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class UnitWorker:

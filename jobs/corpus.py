@@ -57,10 +57,6 @@ def sanitise(text: str) -> str:
     return safe_name(text)
 
 
-def unit_id(model_key: str, task: str, segment_id: str) -> str:
-    return safe_name(f"{model_key}.{task}.{segment_id}")
-
-
 def make_units(model_keys: list[str], segments: list[Segment]) -> list[WorkUnit]:
     """Cross models with segments; the task follows from the segment's pair (src == tgt: asr)."""
     return [WorkUnit.make(k, s) for k in model_keys for s in segments]

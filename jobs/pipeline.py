@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 
 import xai_core
 from models.beam_search import beam_search
+from jobs.units import worker_name
 from models.interface import BeamOptions, EncoderOutput, Hypothesis, ModelError, SpeechModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -366,6 +365,3 @@ class SegmentPipeline:
             tables["size"] = schema.table_from_rows("size", [{"unit_id": uid, **r} for r in ex.size])
         return tables
 
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"

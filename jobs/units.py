@@ -1,7 +1,9 @@
 """Work units: one (model, task, segment) triple, the unit of scheduling, retry and commit."""
 from __future__ import annotations
 
+import os
 import re
+import socket
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -11,6 +13,11 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 def safe_name(text: str) -> str:
     """A file-name-safe version of an id (stable: the same id always gives the same name)."""
     return _UNSAFE.sub("_", text).strip("_") or "_"
+
+
+def worker_name() -> str:
+    """`host:pid` of this process, as recorded in the segments table."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def task_of_pair(src_lang: str, tgt_lang: str) -> str:
